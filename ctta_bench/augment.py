@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import math
 import types
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Iterator, Optional
 
 import torch
@@ -116,6 +116,11 @@ class ViewParams:
     scale: Tensor      # (V,)
     sigma: Tensor      # (V,) blur sigma
     flip: Tensor       # (V,) bool
+    #: ``order`` as Python lists, read from the CPU tensor once per draw (host-side grouping)
+    order_rows: list = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.order_rows = self.order.tolist()
 
     def __len__(self) -> int:
         return int(self.factors.shape[0])
@@ -168,7 +173,7 @@ class CoTTAAugmentation:
         dev, dt = x.device, x.dtype
         sel = slice(start, stop)
         # all per-view parameters of this range reach the device in two copies, before any op
-        plan, index = _jitter_plan(params.order[sel])
+        plan, index = _jitter_plan(params.order_rows[sel])
         num = torch.cat([params.factors[sel], params.angle[sel, None], params.shift[sel],
                          params.scale[sel, None], params.sigma[sel, None], params.flip[sel, None].double()], 1)
         num, index = _to_device(num.to(dt), dev), _to_device(index, dev)
@@ -275,27 +280,28 @@ def _gamma(x: Tensor, f: Tensor) -> Tensor:
 _OPS = (_brightness, _contrast, _saturation, _hue, _gamma)
 
 
-def _jitter_plan(order: Tensor) -> tuple[list[list[tuple[int, int, int]]], Tensor]:
+def _jitter_plan(rows: list[list[int]]) -> tuple[list[list[tuple[int, int, int]]], Tensor]:
     """For each of the five positions, which views apply which op there.
 
     ``plan[slot]`` lists ``(op, offset, length)``: the views are ``index[offset:offset+length]``
-    (offset −1: all views of the range apply that op). Built on the host from the CPU ``order``.
+    (offset −1: all views of the range apply that op). Built on the host from ``order_rows``
+    (plain Python: no tensor is read back).
     """
     plan, pieces, offset = [], [], 0
-    for slot in range(order.shape[1]):
-        ops = order[:, slot]
-        present = torch.unique(ops).tolist()
+    for slot in range(len(rows[0]) if rows else 0):
+        ops = [r[slot] for r in rows]
+        present = sorted(set(ops))
         if len(present) == 1:
             plan.append([(present[0], -1, len(ops))])
             continue
         groups = []
         for j in present:
-            idx = torch.nonzero(ops == j).flatten()
+            idx = [v for v, o in enumerate(ops) if o == j]
             groups.append((j, offset, len(idx)))
-            pieces.append(idx)
+            pieces.extend(idx)
             offset += len(idx)
         plan.append(groups)
-    index = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
+    index = torch.tensor(pieces, dtype=torch.long)
     return plan, index
 
 

@@ -26,9 +26,7 @@ hooks cost microseconds per call and one instrumented pass gives both.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
-import gc
 import sys
 import time
 from dataclasses import dataclass, field
@@ -41,7 +39,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import registry
 from .errors import CTTAError
-from .meters import PeakMemory, synchronize
+from .meters import PeakMemory, release_freed_memory, synchronize
 
 #: columns of the saved table, in order
 COLUMNS = [
@@ -359,19 +357,6 @@ def current_mem_mb(device: torch.device) -> Optional[float]:
     except OSError:
         pass
     return None
-
-
-def release_freed_memory(device: torch.device) -> None:
-    """Collect garbage and hand freed heap pages back (glibc ``malloc_trim``), so that one
-    method's freed buffers do not hide the next method's memory growth in the RSS numbers."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        return
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 # ---------------------------------------------------------------------------------- measuring

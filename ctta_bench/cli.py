@@ -18,7 +18,21 @@ from rich.markup import escape
 
 from .errors import CTTAError
 
+
+class _Group(typer.core.TyperGroup):
+    """Every command's :class:`CTTAError` becomes one red line on stderr and its exit code, on
+    every way in (console script, ``python -m``, typer's test runner)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except CTTAError as e:
+            err_console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
+            raise typer.Exit(e.exit_code) from None
+
+
 app = typer.Typer(
+    cls=_Group,
     name="ctta-bench",
     help="Benchmark harness for continual test-time adaptation (CTTA).\n\n"
     "Run a method on a suite, compare runs, gate regressions in CI.",
@@ -84,7 +98,7 @@ def list_methods() -> None:
     table.add_column("summary")
     for name, cls in sorted(registry.methods().items()):
         table.add_row(name, "ViT" if cls.requires == "vit" else "any", cls.summary)
-    console.print(table)
+    print_wide(table)
 
 
 @app.command("suites")
@@ -97,7 +111,7 @@ def list_suites() -> None:
     table = Table(title="suites")
     for col in ("name", "dataset", "model", "#domains", "setting"):
         table.add_column(col, style="bold cyan" if col == "name" else None, no_wrap=True)
-    table.add_column("description", ratio=1)
+    table.add_column("description", max_width=60)
     for name, path in sorted(available_suites().items()):
         try:
             s = build_suite(load_suite_dict(str(path)))
@@ -107,7 +121,15 @@ def list_suites() -> None:
         n = _count_domains(s)
         extra = f" ×{s.rounds} rounds" if s.rounds > 1 else ""
         table.add_row(name, s.dataset.kind, f"{s.model.source}:{s.model.name}", n, s.setting + extra, s.description)
-    console.print(table)
+    print_wide(table)
+
+
+def print_wide(renderable) -> None:
+    """Print at the renderable's natural width even on a narrow terminal or a CI log (never
+    elide names or numbers); long free-text columns carry a max_width and wrap instead."""
+    need = console.measure(renderable, options=console.options.update(width=400)).maximum
+    out = console if need <= console.width else Console(highlight=False, width=need)
+    out.print(renderable)
 
 
 def _count_domains(s) -> str:

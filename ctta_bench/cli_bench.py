@@ -47,52 +47,40 @@ def bench(
 
     Example: ctta-bench bench --methods source,norm,tent,cotta --model small_cnn --batch-size 64 --out bench.csv
     """
+    import os
+
     from rich.console import Console
     from rich.markup import escape
 
+    from .bench import BenchOptions, run_bench, save, table
+    from .cli import print_wide
+
+    # a CTTAError propagates to ctta_bench.cli.main: one red line and its exit code
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     err = Console(stderr=True, highlight=False)
-    try:
-        import os
 
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from .bench import BenchOptions, run_bench, save, table
-
-        if out is not None and out.suffix.lower() not in (".csv", ".json"):
-            raise CTTAError(f"--out must end in .csv or .json, got {out.name}")
-        names = [m.strip() for m in methods.split(",") if m.strip()]
-        opts = BenchOptions(
-            methods=[] if names == ["all"] else names, model=model, batch_size=batch_size, device=device,
-            steps=steps, warmup=warmup, image_size=image_size, num_classes=num_classes, seed=seed,
-            amp=amp, channels_last=channels_last, compile=compile_, threads=threads,
-            hyperparameters=_parse_hyperparameters(list(set_)),
-        )
-        result = run_bench(opts, progress=lambda n: err.print(f"[dim]measuring {escape(n)} …[/]"))
-        m = result.meta
-        title = (f"bench · {m['model']} · {m['image_size']}px · batch {m['batch_size']} · {m['device']} · "
-                 f"{m['steps']} steps after {m['warmup']} warm-up")
-        _print_wide(table(result, title))
-        for note in dict.fromkeys(result.notes):
-            err.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
-        for r in result.rows:
-            if r["note"]:
-                err.print(f"[yellow]note:[/] {escape(r['method'])}: {escape(r['note'])}", soft_wrap=True)
-        if out is not None:
-            save(result, out)
-            Console(highlight=False).print(f"saved → {out}", soft_wrap=True)
-    except CTTAError as e:
-        err.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
-        raise typer.Exit(e.exit_code) from None
-
-
-def _print_wide(renderable) -> None:
-    """Print at the table's natural width even on a narrow terminal/CI log (never elide numbers)."""
-    from rich.console import Console
-
-    con = Console(highlight=False)
-    need = con.measure(renderable, options=con.options.update(width=400)).maximum
-    if need > con.width:
-        con = Console(highlight=False, width=need)
-    con.print(renderable)
+    if out is not None and out.suffix.lower() not in (".csv", ".json"):
+        raise CTTAError(f"--out must end in .csv or .json, got {out.name}")
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    opts = BenchOptions(
+        methods=[] if names == ["all"] else names, model=model, batch_size=batch_size, device=device,
+        steps=steps, warmup=warmup, image_size=image_size, num_classes=num_classes, seed=seed,
+        amp=amp, channels_last=channels_last, compile=compile_, threads=threads,
+        hyperparameters=_parse_hyperparameters(list(set_)),
+    )
+    result = run_bench(opts, progress=lambda n: err.print(f"[dim]measuring {escape(n)} …[/]"))
+    m = result.meta
+    title = (f"bench · {m['model']} · {m['image_size']}px · batch {m['batch_size']} · {m['device']} · "
+             f"{m['steps']} steps after {m['warmup']} warm-up")
+    print_wide(table(result, title))
+    for note in dict.fromkeys(result.notes):
+        err.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
+    for r in result.rows:
+        if r["note"]:
+            err.print(f"[yellow]note:[/] {escape(r['method'])}: {escape(r['note'])}", soft_wrap=True)
+    if out is not None:
+        save(result, out)
+        Console(highlight=False).print(f"saved → {out}", soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

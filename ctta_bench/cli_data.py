@@ -5,29 +5,10 @@ Registered on the main app by ``register(app)``; the work is in :mod:`ctta_bench
 """
 from __future__ import annotations
 
-import functools
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import typer
-
-from .errors import CTTAError
-
-
-def _user_errors(fn: Callable) -> Callable:
-    """A :class:`CTTAError` becomes one red line on stderr and its exit code (no traceback)."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except CTTAError as e:
-            from rich.console import Console
-            from rich.markup import escape
-
-            Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
-            raise typer.Exit(e.exit_code) from None
-
-    return wrapper
 
 
 def make_corrupted_command(
@@ -75,4 +56,4 @@ def make_corrupted_command(
 
 def register(app: typer.Typer) -> None:
     """Add ``make-corrupted`` to the ``ctta-bench`` app."""
-    app.command("make-corrupted")(_user_errors(make_corrupted_command))
+    app.command("make-corrupted")(make_corrupted_command)

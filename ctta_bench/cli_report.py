@@ -5,9 +5,8 @@ matplotlib load inside the commands, so ``ctta-bench --help`` stays fast. See do
 """
 from __future__ import annotations
 
-import functools
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 import typer
 
@@ -22,30 +21,10 @@ def _console(stderr: bool = False):
     return Console(stderr=stderr, highlight=False)
 
 
-def _user_errors(fn: Callable) -> Callable:
-    """Print a :class:`CTTAError` as one red line on stderr and exit with its code (no traceback)."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except CTTAError as e:
-            from rich.markup import escape
-
-            _console(stderr=True).print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
-            raise typer.Exit(e.exit_code) from None
-
-    return wrapper
-
-
 def _print_wide(renderable) -> None:
-    """Print at the table's natural width even on a narrow terminal/CI log (never elide numbers)."""
-    con = _console()
-    need = con.measure(renderable, options=con.options.update(width=400)).maximum
-    if need > con.width:
-        from rich.console import Console
+    from .cli import print_wide
 
-        con = Console(highlight=False, width=need)
-    con.print(renderable)
+    print_wide(renderable)
 
 
 def _print_notes(notes: list[str]) -> None:
@@ -104,7 +83,6 @@ def register(app: typer.Typer) -> None:
     """Add ``compare``, ``check`` and ``figures`` to the ``ctta-bench`` app."""
 
     @app.command("compare")
-    @_user_errors
     def compare(
         paths: Optional[List[Path]] = typer.Argument(None, help="Run folders or folders of runs (default: everything under --root).", show_default=False),
         root: Path = typer.Option(Path("results"), "--root", "-r", help=_ROOT_HELP),
@@ -147,7 +125,6 @@ def register(app: typer.Typer) -> None:
         _print_notes(notes)
 
     @app.command("check")
-    @_user_errors
     def check(
         target: Path = typer.Argument(..., help="A run folder, a folder of runs of one method (seeds averaged), or a CSV table."),
         baseline: Optional[Path] = typer.Option(None, "--baseline", "-b", help="Reference table (CSV: domain, error [, round, severity], with a 'mean' row)."),
@@ -224,7 +201,6 @@ def register(app: typer.Typer) -> None:
         raise typer.Exit(0 if res.passed else 1)
 
     @app.command("figures")
-    @_user_errors
     def figures(
         paths: Optional[List[Path]] = typer.Argument(None, help="Run folders or folders of runs (default: everything under --root).", show_default=False),
         out: Path = typer.Option(..., "--out", "-o", help="Folder for the table files and figures (created)."),

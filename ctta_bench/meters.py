@@ -1,6 +1,8 @@
 """Cost meters shared by runs and ``ctta-bench bench``: peak memory (CPU RSS, CUDA allocated)."""
 from __future__ import annotations
 
+import ctypes
+import gc
 import resource
 import sys
 from pathlib import Path
@@ -51,3 +53,21 @@ def cpu_peak_rss_mb() -> float:
 def synchronize(device: torch.device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def release_freed_memory(device: torch.device) -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc ``malloc_trim``).
+
+    ``ctta-bench bench`` calls it between methods, so that one method's freed buffers do not
+    hide the next one's memory growth. The runner does not: trimmed pages fault back in during
+    the next domain's first batches, inside the timed loop (benchmarks/memory_scaling.py
+    ``--trim`` measures what it would save).
+    """
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -36,7 +36,9 @@ BATCH_COLUMNS = ["index", "round", "domain", "severity", "batch", "n", "errors"]
 SOURCE_EVAL_COLUMNS = ["after_index", "round", "domain", "n", "errors", "error"]
 
 
-def _atomic(path: Path, write: Callable[[Any], None], mode: str) -> None:
+def atomic_write(path: Path, write: Callable[[Any], None], mode: str) -> None:
+    """``write(f)`` into a temporary file beside ``path``, fsync, rename over ``path``; an OSError
+    (disk full, permissions) is a CTTAError and leaves the earlier file intact."""
     path = Path(path)
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -64,11 +66,11 @@ def _atomic(path: Path, write: Callable[[Any], None], mode: str) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    _atomic(path, lambda f: f.write(text), "w")
+    atomic_write(path, lambda f: f.write(text), "w")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    _atomic(path, lambda f: f.write(data), "wb")
+    atomic_write(path, lambda f: f.write(data), "wb")
 
 
 def atomic_torch_save(path: Path, obj: Any) -> None:

@@ -7,7 +7,6 @@ saved, so ``--resume RUN_DIR`` continues a killed run with identical results.
 """
 from __future__ import annotations
 
-import os
 import random
 import signal
 import time
@@ -242,7 +241,7 @@ class Run:
 
     # -- main -----------------------------------------------------------------------------------
     def execute(self) -> RunResult:
-        suite, dev = self.suite, self.device
+        suite = self.suite
         from .data import open_dataset
 
         dataset = open_dataset(suite.dataset, suite.preprocess)

@@ -107,6 +107,25 @@ def test_unwritable_output_directory(tmp_path, capsys):
     assert r.code != 0 and "not writable" in r.err
 
 
+def test_permission_denied_output_directory_even_as_root(tmp_path, capsys, monkeypatch):
+    """The EACCES path, as an unprivileged user meets it (root ignores chmod, so it is injected)."""
+    import errno
+    from pathlib import Path
+
+    real_mkdir = Path.mkdir
+    ro = tmp_path / "ro"
+
+    def mkdir(self, *a, **k):
+        if str(self).startswith(str(ro)):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return real_mkdir(self, *a, **k)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    r = run_cli(capsys, "run", "--out", str(ro), "-q", *SMALL)
+    assert r.code == 2 and "not writable (Permission denied)" in r.err and "Traceback" not in r.err
+    assert len(r.err.strip().splitlines()) == 1
+
+
 def test_output_directory_that_is_a_file(tmp_path, capsys):
     f = tmp_path / "file"
     f.write_text("x")

@@ -5,7 +5,6 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from ctta_bench.cli_report import register
 
 try:
     from ._results_factory import gradual_segments, write_run
@@ -17,13 +16,9 @@ MEAN = sum(TENT.values()) / 5  # 20.0
 
 
 def _app() -> typer.Typer:
-    app = typer.Typer(add_completion=False)
+    """The real ``ctta-bench`` app, with its error handling."""
+    from ctta_bench.cli import app
 
-    @app.callback()
-    def _main() -> None:
-        """test app"""
-
-    register(app)
     return app
 
 

@@ -5,7 +5,6 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from ctta_bench.cli_report import register
 from ctta_bench.report import figures, store, tables
 
 try:
@@ -18,13 +17,9 @@ MAGIC = {"png": b"\x89PNG", "pdf": b"%PDF", "svg": b"<?xml"}
 
 
 def _app() -> typer.Typer:
-    app = typer.Typer(add_completion=False)
+    """The real ``ctta-bench`` app, with its error handling."""
+    from ctta_bench.cli import app
 
-    @app.callback()
-    def _main() -> None:
-        """test app"""
-
-    register(app)
     return app
 
 

@@ -10,7 +10,6 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from ctta_bench.cli_report import register
 from ctta_bench.report import reference, store, tables
 
 try:
@@ -24,13 +23,9 @@ COTTA = {"gaussian_noise": 25.0, "shot_noise": 29.0, "defocus_blur": 12.0, "fog"
 
 
 def _app() -> typer.Typer:
-    app = typer.Typer(add_completion=False)
+    """The real ``ctta-bench`` app, with its error handling."""
+    from ctta_bench.cli import app
 
-    @app.callback()
-    def _main() -> None:
-        """test app"""
-
-    register(app)
     return app
 
 

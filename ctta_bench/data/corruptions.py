@@ -55,7 +55,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import numpy as np
 
 from ..errors import CTTAError
-from .domains import CORRUPTIONS, SHORT
+from .domains import CORRUPTIONS, resolve_domains
 
 SEVERITIES = (1, 2, 3, 4, 5)
 PARAM_TABLES = ("auto", "cifar", "imagenet")
@@ -365,19 +365,15 @@ def _corrupt_chunk(args) -> np.ndarray:
 
 
 def _parse_corruptions(corruptions) -> list[str]:
+    """None (all 15) | "a,b" | a list, full or short names → full names."""
     if corruptions is None:
         return list(CORRUPTIONS)
     if isinstance(corruptions, str):
-        corruptions = [c for c in corruptions.split(",") if c.strip()]
-    out = []
-    for c in corruptions:
-        name = SHORT.get(c.strip(), c.strip())
-        if name not in CORRUPTIONS:
-            raise CTTAError(f"unknown corruption '{c}'; available: {', '.join(CORRUPTIONS)}")
-        out.append(name)
-    if not out:
+        corruptions = corruptions.split(",")
+    names = [c.strip() for c in corruptions if c.strip()]
+    if not names:
         raise CTTAError("no corruptions selected")
-    return out
+    return resolve_domains(names, CORRUPTIONS)
 
 
 def _parse_severities(severities) -> list[int]:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import CTTAError
-from .base import Batch, TensorDomain
+from .base import TensorDomain
 from .digit_corruptions import DIGIT_CORRUPTIONS, corrupt
 
 SPLIT_SEED = 20240526   # the fixed split of the 1,797 images (independent of the run seed)

@@ -14,8 +14,6 @@ so figures stay readable in greyscale. ``source`` is always grey and dashed.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -69,24 +67,17 @@ def parse_formats(spec: str) -> list[str]:
 
 
 def save_figure(fig, stem: Path, formats: Sequence[str] = ("png", "pdf")) -> list[Path]:
-    """Write ``stem.<fmt>`` for each format, each through a temporary file + ``os.replace``."""
+    """Write ``stem.<fmt>`` for each format, each atomically (:func:`ctta_bench.results.atomic_write`)."""
+    from ..results import atomic_write
+
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     written = []
     with _rc():
         for fmt in formats:
             target = stem.with_name(f"{stem.name}.{fmt}")
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "wb") as fh:
-                    fig.savefig(fh, format=fmt, bbox_inches="tight", dpi=RC["savefig.dpi"], facecolor="white")
-                os.replace(tmp, target)
-            except BaseException:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
-                raise
+            atomic_write(target, lambda fh, fmt=fmt: fig.savefig(
+                fh, format=fmt, bbox_inches="tight", dpi=RC["savefig.dpi"], facecolor="white"), "wb")
             written.append(target)
     return written
 
