@@ -84,16 +84,42 @@ def test_cifar10c_suite_with_tent_on_a_checkpoint_model(cifar10c_root, tmp_path,
     assert sorted(idx["seg0000"].tolist()) == list(range(8))
 
 
-def test_imagenet_c_suite_on_a_test_made_folder(tmp_path, capsys):
-    root = tmp_path / "ImageNet-C"
+def _imagenet_c(root, wnids, per_class=2, size=40, empty_classes=()):
+    """<root>/<corruption>/5/<wnid>/ILSVRC2012_val_*.JPEG, as the Zenodo archives extract."""
     rng = np.random.default_rng(0)
-    wnids = ["n01440764", "n01443537", "n01484850"]
     for c in CORRUPTIONS:
+        for w in empty_classes:
+            (root / c / "5" / w).mkdir(parents=True)
         for w in wnids:
             (root / c / "5" / w).mkdir(parents=True)
-            for k in range(2):
-                Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(
+            for k in range(per_class):
+                Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(
                     root / c / "5" / w / f"ILSVRC2012_val_{k:08d}.JPEG")
+
+
+def test_imagenet_c_suite_through_robustbench_standard_r50(tmp_path, capsys, monkeypatch):
+    """The shipped suite as is (RobustBench Standard_R50 = torchvision's ResNet-50, 1000 classes),
+    weights from a test-made file in torch hub's cache; images at 64 px to keep the test fast."""
+    import torchvision
+
+    # all 1000 class folders (the label is the sorted folder position), images in two of them
+    _imagenet_c(tmp_path / "ImageNet-C", ["n00000000", "n00000001"], per_class=1, size=72,
+                empty_classes=[f"n{i:08d}" for i in range(2, 1000)])
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    ckpt = tmp_path / "torch" / "hub" / "checkpoints" / "resnet50-0676ba61.pth"
+    ckpt.parent.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet50().state_dict(), ckpt)
+    r = run_cli(capsys, "run", "--suite", "imagenet-c", "--data-root", str(tmp_path), "--method", "source",
+                "--out", str(tmp_path / "res"), "--set", "dataset.subset=all", "--set", "dataset.num_workers=0",
+                "--set", "preprocess.resize=72", "--set", "preprocess.crop=64", "--set", "batch_size=2", "-q")
+    assert r.code == 0, r.err
+    _, man = _standard_table(_run_dir(tmp_path / "res", "imagenet-c", "source"), 2)
+    assert "Standard_R50" in man["model"] and man["params"]["total"] == 25_557_032  # ResNet-50
+
+
+def test_imagenet_c_suite_on_a_test_made_folder(tmp_path, capsys):
+    _imagenet_c(tmp_path / "ImageNet-C", ["n01440764", "n01443537", "n01484850"])
     from ctta_bench.models.builtin import SmallCNN
 
     torch.save(SmallCNN(num_classes=3).state_dict(), tmp_path / "cnn.pt")

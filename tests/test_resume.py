@@ -105,6 +105,21 @@ def test_resume_refuses_a_changed_config_unless_forced(tmp_path, capsys):
     assert r.code == 0, r.err
 
 
+def test_resume_refuses_another_code_version_unless_forced(tmp_path, capsys, monkeypatch):
+    import ctta_bench
+    from ctta_bench import runner
+
+    monkeypatch.setattr(runner, "git_sha", lambda: "a" * 40)
+    assert run_cli(capsys, "run", "--out", str(tmp_path), *ARGS, "--set", "domains=[fog]").code == 0
+    run_dir = _only_run(tmp_path)
+    monkeypatch.setattr(runner, "git_sha", lambda: "b" * 40)
+    monkeypatch.setattr(ctta_bench, "__version__", "999.0")
+    r = run_cli(capsys, "run", "--resume", str(run_dir), "-q")
+    assert r.code == 2 and "refusing to resume" in r.err
+    assert f"code {'a' * 10} → {'b' * 10}" in r.err and "→ 999.0" in r.err and "config" not in r.err
+    assert run_cli(capsys, "run", "--resume", str(run_dir), "--force", "-q").code == 0
+
+
 def test_resume_of_a_folder_without_state_is_a_clear_error(tmp_path, capsys):
     r = run_cli(capsys, "run", "--resume", str(tmp_path), "-q")
     assert r.code != 0 and "not a ctta-bench run folder" in r.err
