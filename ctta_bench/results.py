@@ -14,6 +14,7 @@ killed run never leaves a half-written table that looks complete.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import io
 import json
 import os
@@ -36,6 +37,15 @@ BATCH_COLUMNS = ["index", "round", "domain", "severity", "batch", "n", "errors"]
 SOURCE_EVAL_COLUMNS = ["after_index", "round", "domain", "n", "errors", "error"]
 
 
+@functools.lru_cache(maxsize=None)
+def _file_mode() -> int:
+    """0o666 minus the process umask: what ``open()`` would give (mkstemp makes 0o600 files,
+    which colleagues on a shared cluster could not read)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write(path: Path, write: Callable[[Any], None], mode: str) -> None:
     """``write(f)`` into a temporary file beside ``path``, fsync, rename over ``path``; an OSError
     (disk full, permissions) is a CTTAError and leaves the earlier file intact."""
@@ -49,6 +59,7 @@ def atomic_write(path: Path, write: Callable[[Any], None], mode: str) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except OSError as e:
         try:

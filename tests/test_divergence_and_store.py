@@ -111,3 +111,17 @@ def test_atomic_text_write_replaces_content(tmp_path):
     atomic_write_text(p, "one")
     atomic_write_text(p, "two")
     assert p.read_text() == "two"
+
+
+def test_results_files_get_the_usual_permissions_not_mkstemps_0600(tmp_path):
+    """Colleagues on a shared machine must be able to read a run's tables (umask applies)."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        p = tmp_path / "domains.csv"
+        atomic_write_text(p, "a,b\n")
+        assert stat.S_IMODE(p.stat().st_mode) == 0o644
+    finally:
+        os.umask(old)

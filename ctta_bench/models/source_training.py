@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -104,9 +103,11 @@ def builtin_source_model(spec, num_classes: int, dataset):
         torch.manual_seed(recipe["seed"])
         model = _build(spec.name, num_classes, img_size, recipe)
         train_source(model, x, y, recipe)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, path)
+    from ..results import atomic_torch_save
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_torch_save(path, model.state_dict())
+    except (OSError, CTTAError):
+        pass  # an unwritable cache costs a retraining next time, never the run
     return model, MEAN, STD
