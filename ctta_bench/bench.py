@@ -39,7 +39,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import registry
 from .errors import CTTAError
-from .meters import PeakMemory, release_freed_memory, synchronize
+from .meters import PeakMemory, current_mem_mb, release_freed_memory, synchronize
 
 #: columns of the saved table, in order
 COLUMNS = [
@@ -344,19 +344,6 @@ def _resolved(path: str) -> str:
 
 
 # ---------------------------------------------------------------------------------- memory
-
-
-def current_mem_mb(device: torch.device) -> Optional[float]:
-    """Memory in use now: CUDA allocated, or the process's resident set (Linux ``VmRSS``)."""
-    if device.type == "cuda":
-        return torch.cuda.memory_allocated(device) / 2**20
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
 
 
 # ---------------------------------------------------------------------------------- measuring

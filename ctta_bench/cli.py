@@ -27,7 +27,7 @@ class _Group(typer.core.TyperGroup):
         try:
             return super().invoke(ctx)
         except CTTAError as e:
-            err_console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
+            print_error(e)
             raise typer.Exit(e.exit_code) from None
 
 
@@ -124,6 +124,11 @@ def list_suites() -> None:
     print_wide(table)
 
 
+def print_error(e: CTTAError) -> None:
+    """The one form of every user error: one red, soft-wrapped line on stderr."""
+    err_console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
+
+
 def print_wide(renderable) -> None:
     """Print at the renderable's natural width even on a narrow terminal or a CI log (never
     elide names or numbers); long free-text columns carry a max_width and wrap instead."""
@@ -164,8 +169,8 @@ _register_plugins()
 def main() -> None:
     try:
         app()
-    except CTTAError as e:
-        err_console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
+    except CTTAError as e:  # raised outside a command (option parsing callbacks, plugin loading)
+        print_error(e)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         err_console.print("[bold red]interrupted[/]")

@@ -21,12 +21,6 @@ def _console(stderr: bool = False):
     return Console(stderr=stderr, highlight=False)
 
 
-def _print_wide(renderable) -> None:
-    from .cli import print_wide
-
-    print_wide(renderable)
-
-
 def _print_notes(notes: list[str]) -> None:
     if notes:
         from rich.markup import escape
@@ -118,7 +112,9 @@ def register(app: typer.Typer) -> None:
             tables.write_text_atomic(output, tables.render(table, fmt))
             _console(stderr=True).print(f"wrote {output} ({fmt}, {len(runs)} run(s))", soft_wrap=True)
         elif fmt == "rich":
-            _print_wide(tables.render_rich(table))
+            from .cli import print_wide
+
+            print_wide(tables.render_rich(table))
         else:
             table.notes = list(notes) if fmt in ("markdown", "latex") else []
             typer.echo(tables.render(table, fmt), nl=False)

@@ -6,6 +6,7 @@ import gc
 import resource
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -39,15 +40,30 @@ class PeakMemory:
         return cpu_peak_rss_mb()
 
 
-def cpu_peak_rss_mb() -> float:
+def _status_mb(key: str) -> Optional[float]:
+    """A ``kB`` field of Linux ``/proc/self/status`` (``VmHWM``, ``VmRSS``) in MiB; None elsewhere."""
     try:
         for line in _STATUS.read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{key}:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
+    return None
+
+
+def cpu_peak_rss_mb() -> float:
+    peak = _status_mb("VmHWM")
+    if peak is not None:
+        return peak
     ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return ru / 2**20 if sys.platform == "darwin" else ru / 1024
+
+
+def current_mem_mb(device: torch.device) -> Optional[float]:
+    """Memory in use now: CUDA allocated, or the process's resident set (Linux ``VmRSS``)."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**20
+    return _status_mb("VmRSS")
 
 
 def synchronize(device: torch.device) -> None:
